@@ -165,6 +165,20 @@ def test_box_from_patches_clips_and_empty():
         box_from_patches(torch.zeros(35), boxes, (32, 32))
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(-8, 40), st.integers(-8, 40), st.integers(1, 20), st.integers(1, 20)),
+                min_size=1, max_size=6))
+def test_box_from_patches_contains_selection(rects):
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in rects], dtype=torch.float64)
+    box = box_from_patches(torch.ones(len(boxes)), boxes, (32, 32))
+    clipped = boxes.clone()
+    clipped[:, 0::2], clipped[:, 1::2] = clipped[:, 0::2].clamp(0, 32), clipped[:, 1::2].clamp(0, 32)
+    assert (box[:2] <= clipped[:, :2].amin(0)).all() and (box[2:] >= clipped[:, 2:].amax(0)).all()
+    assert (box[:2] >= 0).all() and (box[2:] <= 32).all()
+    if (box[:2] > 0).all() and (box[2:] < 32).all():  # not clipped: a square
+        assert box[2] - box[0] == box[3] - box[1]
+
+
 # localization AP
 
 def _single(box, score, label):
@@ -259,6 +273,7 @@ def test_pointing_game():
     assert pointing_game(heatmaps, gt, tolerance=3.5) == 1.
     assert pointing_game(heatmaps, gt, tolerance=3.4) == pytest.approx(2 / 3)
     assert pointing_game(heatmaps[:1], [torch.zeros(0, 4)]) == 0.
+    assert pointing_game(heatmaps[:1], [t([0., 0., 1.5, 5.])]) == 0.  # centre 1.5 on the half-open right edge
     with pytest.raises(ValueError, match='tolerance'):
         pointing_game(heatmaps, gt, tolerance=-1.)
 

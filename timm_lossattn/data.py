@@ -227,17 +227,14 @@ class ClutteredDigits(torch.utils.data.Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f'Index {index} out of range for a dataset of {self.num_samples} samples.')
         rng = np.random.default_rng([self.seed, _SPLITS.index(self.split), index])
-        size = self.canvas_size
-        canvas = np.zeros((size, size), dtype=np.float32)
-        occupied = np.zeros((size, size), dtype=bool)
         num = int(rng.integers(self.num_digits[0], self.num_digits[1] + 1))
         digit_indices = self.source_indices[rng.choice(len(self.source_indices), num, replace=False)]
-        positions = self._layout(rng, num)
+        positions, occupied = self._layout(rng, num)
+        canvas = np.zeros(occupied.shape, dtype=np.float32)
         boxes = []
         for src, (x, y, s) in zip(digit_indices, positions):
             patch = _upscale(self._images[src], s)
             canvas[y:y + s, x:x + s] = patch
-            occupied[y:y + s, x:x + s] = True
             x0, y0, x1, y1 = _ink_box(patch, self.ink_threshold)
             boxes.append((x + x0, y + y0, x + x1, y + y1))
         clutter_indices = self._add_clutter(rng, canvas, occupied, digit_indices)
@@ -249,8 +246,11 @@ class ClutteredDigits(torch.utils.data.Dataset):
             clutter_indices=clutter_indices,
         )
 
-    def _layout(self, rng: np.random.Generator, num: int) -> List[Tuple[int, int, int]]:
-        """Draws (x, y, side) for `num` pairwise disjoint digit squares, redrawing the layout when one does not fit."""
+    def _layout(self, rng: np.random.Generator, num: int) -> Tuple[List[Tuple[int, int, int]], np.ndarray]:
+        """Draws (x, y, side) for `num` pairwise disjoint digit squares, redrawing the layout when one does not fit.
+
+        Returns the squares and the canvas mask they cover.
+        """
         for _ in range(_MAX_LAYOUT_ATTEMPTS):
             occupied = np.zeros((self.canvas_size, self.canvas_size), dtype=bool)
             positions = []
@@ -263,7 +263,7 @@ class ClutteredDigits(torch.utils.data.Dataset):
                 occupied[y:y + s, x:x + s] = True
                 positions.append((x, y, s))
             if len(positions) == num:
-                return positions
+                return positions, occupied
         raise RuntimeError(
             f'Could not place {num} disjoint digits of size {self.digit_size} on a {self.canvas_size}px canvas.')
 

@@ -452,9 +452,9 @@ def max_box_acc(
 def pointing_game(heatmaps: torch.Tensor, gt_boxes: Sequence[torch.Tensor], tolerance: float = 0.) -> float:
     """Pointing game of Zhang et al., "Top-down Neural Attention by Excitation Backprop" (ECCV 2016).
 
-    A hit when the heat map's maximum pixel (the first in raster order on ties) lies within `tolerance` pixels of a
-    ground-truth box: the distance from the pixel centre (x + 0.5, y + 0.5) to the box is <= tolerance (0: the
-    centre is inside; Zhang et al. use 15 px at ImageNet scale). An image without ground truth is a miss.
+    A hit when the heat map's maximum pixel (the first in raster order on ties) lies in a ground-truth box (its
+    centre (x + 0.5, y + 0.5) does, half-open) or, for tolerance > 0, when the distance from that centre to a box is
+    <= tolerance (Zhang et al. use 15 px at ImageNet scale). An image without ground truth is a miss.
 
     Args:
         heatmaps: (B, H, W) maps at image resolution.
@@ -472,9 +472,11 @@ def pointing_game(heatmaps: torch.Tensor, gt_boxes: Sequence[torch.Tensor], tole
     for heatmap, gt in zip(heatmaps, gt_boxes):
         row, col = divmod(int(heatmap.flatten().argmax()), width)
         px, py = col + 0.5, row + 0.5
+        inside = (gt[:, 0] <= px) & (px < gt[:, 2]) & (gt[:, 1] <= py) & (py < gt[:, 3])
         dx = torch.clamp(torch.maximum(gt[:, 0] - px, px - gt[:, 2]), min=0)
         dy = torch.clamp(torch.maximum(gt[:, 1] - py, py - gt[:, 3]), min=0)
-        hits += bool((dx.pow(2) + dy.pow(2) <= tolerance ** 2).any())
+        near = (dx.pow(2) + dy.pow(2) <= tolerance ** 2) & (tolerance > 0)
+        hits += bool((inside | near).any())
     return hits / heatmaps.shape[0]
 
 
