@@ -18,6 +18,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 __all__ = [
     'POOL_TYPES', 'PatchPool', 'LossAttentionPool', 'MeanPool', 'AttentionPool', 'GatedAttentionPool',
@@ -37,6 +38,7 @@ def _normalize_or_uniform(scores: torch.Tensor, dims: List[int]) -> torch.Tensor
     return torch.where(total > 0, scores / total.clamp_min(1e-30), uniform)
 
 
+@register_notrace_function
 def loss_attention_weights(
         patch_logits: torch.Tensor,
         xi: float = 0.1,
@@ -79,7 +81,8 @@ def loss_attention_weights(
     return instance_weights, instance_weights.sum(1)
 
 
-def _location_logits(instance_logits: torch.Tensor, instance_weights: torch.Tensor) -> torch.Tensor:
+@register_notrace_function
+def location_logits(instance_logits: torch.Tensor, instance_weights: torch.Tensor) -> torch.Tensor:
     """Logits of each location: the instance-weight-weighted mean of its C instance logits, (B, M, K)."""
     if instance_logits.shape[1] == 1:
         return instance_logits[:, 0]
@@ -122,11 +125,12 @@ class PatchPool(nn.Module):
             h: torch.Tensor,
             instance_weights: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pool instances with given weights (B, C, M): z = theta^L(sum a h) + b."""
+        """Pool instances with given float32 weights (B, C, M): z = theta^L(sum a h) + b."""
+        patch_logits = location_logits(self.fc(h), instance_weights)
+        patch_weights = instance_weights.sum(1).to(patch_logits.dtype)
         pooled = torch.einsum('bcm,bcmd->bd', instance_weights.to(h.dtype), h)
-        logits = self.fc(pooled)
-        patch_logits = _location_logits(self.fc(h), instance_weights)
-        return logits, pooled, instance_weights.sum(1), patch_logits
+        logits = self.fc(pooled)  # computed last: FX feature extraction takes the last node as the output
+        return logits, pooled, patch_weights, patch_logits
 
 
 class LossAttentionPool(PatchPool):
@@ -158,10 +162,11 @@ class LossAttentionPool(PatchPool):
     def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         instance_logits = self.fc(h)  # (B, C, M, K)
         instance_weights, patch_weights = loss_attention_weights(instance_logits, self.xi)
-        logits = torch.einsum('bcm,bcmk->bk', instance_weights, instance_logits.float()).to(instance_logits.dtype)
+        patch_weights = patch_weights.to(instance_logits.dtype)
         pooled = torch.einsum('bcm,bcmd->bd', instance_weights.to(h.dtype), h)
-        patch_logits = _location_logits(instance_logits, instance_weights)
-        return logits, pooled, patch_weights.to(logits.dtype), patch_logits
+        patch_logits = location_logits(instance_logits, instance_weights)
+        logits = torch.einsum('bcm,bcmk->bk', instance_weights, instance_logits.float()).to(instance_logits.dtype)
+        return logits, pooled, patch_weights, patch_logits
 
 
 class MeanPool(PatchPool):
@@ -170,8 +175,7 @@ class MeanPool(PatchPool):
     def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         B, C, M, _ = h.shape
         weights = torch.full((B, C, M), 1.0 / (C * M), device=h.device, dtype=torch.float32)
-        logits, pooled, patch_weights, patch_logits = self._weighted_pool(h, weights)
-        return logits, pooled, patch_weights.to(logits.dtype), patch_logits
+        return self._weighted_pool(h, weights)
 
 
 class AttentionPool(PatchPool):
@@ -202,8 +206,7 @@ class AttentionPool(PatchPool):
         scores = self._attention_scores(h).float()  # (B, C, M)
         B, C, M = scores.shape
         weights = scores.reshape(B, C * M).softmax(-1).reshape(B, C, M)
-        logits, pooled, patch_weights, patch_logits = self._weighted_pool(h, weights)
-        return logits, pooled, patch_weights.to(logits.dtype), patch_logits
+        return self._weighted_pool(h, weights)
 
 
 class GatedAttentionPool(AttentionPool):

@@ -93,6 +93,7 @@ class LossAttnNet(nn.Module):
             head_width: int,
             head_kernel_size: int,
             head_stride: int,
+            caps_dims: Tuple[int, int, int, int],
             device=None,
             dtype=None,
     ) -> None:
@@ -122,8 +123,10 @@ class LossAttnNet(nn.Module):
             self.patch_head = ConvPatchHead(
                 num_features, width=head_width, kernel_size=head_kernel_size, stride=head_stride, **dd)
         else:
+            primary_caps, primary_dim, num_caps, caps_dim = caps_dims
             self.patch_head = CapsulePatchHead(
-                num_features, kernel_size=head_kernel_size, stride=head_stride, reduce_width=head_width, **dd)
+                num_features, primary_caps=primary_caps, primary_dim=primary_dim, num_caps=num_caps,
+                caps_dim=caps_dim, kernel_size=head_kernel_size, stride=head_stride, reduce_width=head_width, **dd)
         self.head_hidden_size = self.patch_head.num_features
         self._head_layers = patch_head_layers(
             num_features, min(num_features, head_width), head_kernel_size, head_stride)

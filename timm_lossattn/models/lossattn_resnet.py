@@ -43,6 +43,7 @@ class LossAttnResNet(LossAttnNet):
             head_width: int = 512,
             head_kernel_size: int = 9,
             head_stride: int = 4,
+            caps_dims: Tuple[int, int, int, int] = (32, 16, 64, 128),
             global_pool: Optional[str] = None,
             return_patches: bool = True,
             drop_rate: float = 0.,
@@ -68,6 +69,8 @@ class LossAttnResNet(LossAttnNet):
             head_width: Channels of the conv head (paper: 512); trunks wider than this are reduced by a 1x1 conv.
             head_kernel_size: Patch kernel of the head (paper: 9).
             head_stride: Patch stride of the head (paper: 4).
+            caps_dims: Capsule head sizes (primary capsule channels, primary dim, capsule channels, capsule dim);
+                paper: (32, 16, 64, 128).
             global_pool: timm's name for the pooling: '' removes the head (forward returns the trunk map), a pool
                 name overrides `pool`.
             return_patches: True returns `LossAttnOutput(logits, patch_weights, patch_logits)`, False plain logits
@@ -95,7 +98,8 @@ class LossAttnResNet(LossAttnNet):
         self.act1 = nn.ReLU(inplace=True)
         self.feature_info = [dict(num_chs=inplanes, reduction=stem_stride, module='act1')]
 
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        num_blocks = sum(layers)
+        drop_path_rates = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
         reduction = stem_stride
         block_idx = 0
         for stage_idx, (depth, planes, stride) in enumerate(zip(layers, channels, self.stage_strides)):
@@ -123,7 +127,7 @@ class LossAttnResNet(LossAttnNet):
 
         self._init_head(
             inplanes, num_classes, in_chans, head_type, pool, xi, global_pool, drop_rate, return_patches,
-            head_width, head_kernel_size, head_stride, **dd)
+            head_width, head_kernel_size, head_stride, caps_dims, **dd)
         self.init_weights(zero_init_last=zero_init_last)
 
     @torch.jit.ignore

@@ -40,6 +40,7 @@ class LossAttnVgg(LossAttnNet):
             head_width: int = 512,
             head_kernel_size: int = 9,
             head_stride: int = 4,
+            caps_dims: Tuple[int, int, int, int] = (32, 16, 64, 128),
             global_pool: Optional[str] = None,
             return_patches: bool = True,
             drop_rate: float = 0.,
@@ -58,6 +59,8 @@ class LossAttnVgg(LossAttnNet):
             head_width: Channels of the conv head (paper: 512).
             head_kernel_size: Patch kernel of the head (paper: 9).
             head_stride: Patch stride of the head (paper: 4).
+            caps_dims: Capsule head sizes (primary capsule channels, primary dim, capsule channels, capsule dim);
+                paper: (32, 16, 64, 128).
             global_pool: timm's name for the pooling: '' removes the head, a pool name overrides `pool`.
             return_patches: True returns `LossAttnOutput`, False plain logits.
             drop_rate: Dropout on the patch features.
@@ -96,7 +99,7 @@ class LossAttnVgg(LossAttnNet):
 
         self._init_head(
             prev_chs, num_classes, in_chans, head_type, pool, xi, global_pool, drop_rate, return_patches,
-            head_width, head_kernel_size, head_stride, **dd)
+            head_width, head_kernel_size, head_stride, caps_dims, **dd)
         self.init_weights()
 
     @torch.jit.ignore
