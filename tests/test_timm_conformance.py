@@ -37,8 +37,8 @@ def plain_logits(monkeypatch):
 
 
 def test_all_models_registered():
-    assert MODELS == sorted(
-        f'lossattn_{trunk}_{head}' for trunk in ('resnet18', 'resnet50', 'vgg11', 'vgg16') for head in ('conv', 'caps'))
+    trunks = ('resnet18', 'resnet50', 'vgg11', 'vgg16', 'tinyresnet')
+    assert MODELS == sorted(f'lossattn_{trunk}_{head}' for trunk in trunks for head in ('conv', 'caps'))
 
 
 @pytest.mark.parametrize('model_name', MODELS)

@@ -253,6 +253,8 @@ default_cfgs = generate_default_cfgs({
     'lossattn_resnet18_caps': lossattn_cfg(),
     'lossattn_resnet50_conv': lossattn_cfg(),
     'lossattn_resnet50_caps': lossattn_cfg(),
+    'lossattn_tinyresnet_conv': lossattn_cfg(),
+    'lossattn_tinyresnet_caps': lossattn_cfg(),
 })
 
 
@@ -282,3 +284,20 @@ def lossattn_resnet50_caps(pretrained: bool = False, **kwargs) -> LossAttnResNet
     """Loss-attention ResNet50 (standard bottleneck), capsule head."""
     model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), head_type='caps')
     return _create_lossattn_resnet('lossattn_resnet50_caps', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lossattn_tinyresnet_conv(pretrained: bool = False, **kwargs) -> LossAttnResNet:
+    """Tiny loss-attention ResNet (one block a stage, narrow), conv head: small enough to ship trained in git."""
+    model_args = dict(
+        block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 64), head_width=64, head_type='conv')
+    return _create_lossattn_resnet('lossattn_tinyresnet_conv', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lossattn_tinyresnet_caps(pretrained: bool = False, **kwargs) -> LossAttnResNet:
+    """Tiny loss-attention ResNet (one block a stage, narrow), capsule head: small enough to ship trained in git."""
+    model_args = dict(
+        block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 64), head_width=64, caps_dims=(8, 8, 16, 32),
+        head_type='caps')
+    return _create_lossattn_resnet('lossattn_tinyresnet_caps', pretrained, **dict(model_args, **kwargs))
