@@ -13,11 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
 from ..layers import LayerSpec
+from ..pretrained import build_lossattn_model, hub_cfg
 from .lossattn_net import LossAttnNet, check_input, check_stage_strides, lossattn_cfg
 
 __all__ = ['LossAttnResNet']
@@ -239,22 +240,27 @@ class LossAttnResNet(LossAttnNet):
 
 
 def _create_lossattn_resnet(variant: str, pretrained: bool = False, **kwargs) -> LossAttnResNet:
-    return build_model_with_cfg(
+    return build_lossattn_model(
         LossAttnResNet,
         variant,
         pretrained,
+        trunk_kwargs=dict(stem_type='imagenet'),
         feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)),
         **kwargs,
     )
 
 
 default_cfgs = generate_default_cfgs({
-    'lossattn_resnet18_conv': lossattn_cfg(),
-    'lossattn_resnet18_caps': lossattn_cfg(),
-    'lossattn_resnet50_conv': lossattn_cfg(),
-    'lossattn_resnet50_caps': lossattn_cfg(),
-    'lossattn_tinyresnet_conv': lossattn_cfg(),
-    'lossattn_tinyresnet_caps': lossattn_cfg(),
+    'lossattn_resnet18_conv.digits32': lossattn_cfg(**hub_cfg('lossattn_resnet18_conv.digits32')),
+    'lossattn_resnet18_conv.digits64': lossattn_cfg(
+        input_size=(3, 64, 64), pool_size=(64, 64), **hub_cfg('lossattn_resnet18_conv.digits64')),
+    'lossattn_resnet18_caps.digits32': lossattn_cfg(**hub_cfg('lossattn_resnet18_caps.digits32')),
+    'lossattn_resnet18_caps.digits64': lossattn_cfg(
+        input_size=(3, 64, 64), pool_size=(64, 64), **hub_cfg('lossattn_resnet18_caps.digits64')),
+    'lossattn_resnet50_conv.digits32': lossattn_cfg(**hub_cfg('lossattn_resnet50_conv.digits32')),
+    'lossattn_resnet50_caps.digits32': lossattn_cfg(**hub_cfg('lossattn_resnet50_caps.digits32')),
+    'lossattn_tinyresnet_conv.digits32': lossattn_cfg(**hub_cfg('lossattn_tinyresnet_conv.digits32')),
+    'lossattn_tinyresnet_caps.digits32': lossattn_cfg(**hub_cfg('lossattn_tinyresnet_caps.digits32')),
 })
 
 

@@ -11,10 +11,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import LayerSpec
+from ..pretrained import build_lossattn_model, hub_cfg
 from .lossattn_net import LossAttnNet, check_input, check_stage_strides, lossattn_cfg
 
 __all__ = ['LossAttnVgg']
@@ -184,7 +185,7 @@ class LossAttnVgg(LossAttnNet):
 
 def _create_lossattn_vgg(variant: str, pretrained: bool = False, **kwargs) -> LossAttnVgg:
     cfg = VGG_CFGS[variant.split('_')[1]]
-    return build_model_with_cfg(
+    return build_lossattn_model(
         LossAttnVgg,
         variant,
         pretrained,
@@ -195,10 +196,10 @@ def _create_lossattn_vgg(variant: str, pretrained: bool = False, **kwargs) -> Lo
 
 
 default_cfgs = generate_default_cfgs({
-    'lossattn_vgg11_conv': lossattn_cfg(first_conv='features.0'),
-    'lossattn_vgg11_caps': lossattn_cfg(first_conv='features.0'),
-    'lossattn_vgg16_conv': lossattn_cfg(first_conv='features.0'),
-    'lossattn_vgg16_caps': lossattn_cfg(first_conv='features.0'),
+    'lossattn_vgg11_conv.digits32': lossattn_cfg(first_conv='features.0', **hub_cfg('lossattn_vgg11_conv.digits32')),
+    'lossattn_vgg11_caps.digits32': lossattn_cfg(first_conv='features.0', **hub_cfg('lossattn_vgg11_caps.digits32')),
+    'lossattn_vgg16_conv.digits32': lossattn_cfg(first_conv='features.0', **hub_cfg('lossattn_vgg16_conv.digits32')),
+    'lossattn_vgg16_caps.digits32': lossattn_cfg(first_conv='features.0', **hub_cfg('lossattn_vgg16_caps.digits32')),
 })
 
 
