@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--workers', '-j', type=int, default=2, help='data loader processes per rank')
     group.add_argument('--seed', type=int, default=0)
     group.add_argument('--resume', default=None, help='output folder (or its train_state.pth) to continue')
+    group.add_argument('--stop-epoch', type=int, default=None,
+                       help='stop after this many epochs of the --epochs schedule (continue later with --resume)')
     group.add_argument('--eval-interval', type=int, default=1, help='evaluate every N epochs and at the end')
     group.add_argument('--no-progress', action='store_true', help='no tqdm progress bars')
     return parser
@@ -472,7 +474,7 @@ def train(args: argparse.Namespace) -> nn.Module:
 
     progress = ctx.primary and not args.no_progress
     start_time = time.time()
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, min(epochs, args.stop_epoch or epochs)):
         _seed_epoch(args.seed, epoch + 1, ctx.rank)
         sampler.set_epoch(epoch)
         task.set_epoch(epoch)
