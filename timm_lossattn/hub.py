@@ -487,10 +487,10 @@ def verify_folder(
     name = (record.get('hub_id') or config.get('architecture', folder.name)).split('/')[-1]
     entries = (_load_json(Path(manifest)) if manifest else load_manifest()).get('checkpoints', {})
     expected = (entries.get(name) or {}).get('sha256') or record.get('sha256') or card.get('sha256')
+    state_dict = read_state_dict(weights)
     digest = sha256_file(weights)
     if expected and digest != expected:
         raise ChecksumMismatchError(f'{weights}: sha256 {digest} differs from the recorded {expected}')
-    state_dict = read_state_dict(weights)
     architecture = config.get('architecture')
     if not architecture or not timm.is_model(architecture):
         raise UnknownArchitectureError(
