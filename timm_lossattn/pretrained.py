@@ -164,7 +164,7 @@ def build_lossattn_model(
                 f'no ImageNet trunk is known for {variant}; pass pretrained_trunk=\'<timm model>.<tag>\' '
                 f'(known: {", ".join(f"{k}_*: {v}" for k, v in TRUNK_SOURCES.items())})')
         trunk_cfg = get_pretrained_cfg(source)
-        if trunk_cfg is None or not trunk_cfg.has_weights():
+        if trunk_cfg is None or not trunk_cfg.has_weights:
             raise TrunkWeightsError(f'timm has no pretrained weights named {source!r}')
         for key, value in (trunk_kwargs or {}).items():
             kwargs.setdefault(key, value)
