@@ -1,6 +1,4 @@
 """ LossAttnTask: loss equals LossAttentionLoss, timm target conventions, and timm's public training API """
-import os
-
 import pytest
 import torch
 

@@ -73,7 +73,8 @@ class LossAttnTask(ClassificationTask):
         if isinstance(criterion, LossAttentionLoss):
             loss = criterion
             if multi_label is not None and multi_label != loss.multi_label:
-                raise ValueError(f'multi_label={multi_label} contradicts the criterion (multi_label={loss.multi_label})')
+                raise ValueError(
+                    f'multi_label={multi_label} contradicts the criterion (multi_label={loss.multi_label})')
         else:
             if isinstance(criterion, BinaryCrossEntropy):
                 multi_label = True if multi_label is None else multi_label
@@ -112,10 +113,11 @@ class LossAttnTask(ClassificationTask):
     def log_parts(self) -> None:
         """Log (when verbose) and reset the running means of the loss parts."""
         if self._part_count and self.verbose:
+            steps = self._part_count
             parts = self.parts_summary()
             _logger.info(
                 f'{type(self).__name__} epoch {self.epoch}: loss {parts["loss"]:.4f} = image {parts["image_loss"]:.4f}'
-                f' + gamma {parts["gamma"]:.4g} x patch {parts["patch_loss"]:.4f} (means over {self._part_count} steps)')
+                f' + gamma {parts["gamma"]:.4g} x patch {parts["patch_loss"]:.4f} (means over {steps} steps)')
         self._part_sums, self._part_count = {}, 0
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
