@@ -339,7 +339,8 @@ def export_checkpoint(
         architecture: Model name; defaults to the training record's `model`.
         tag: Pretrained tag (e.g. 'digits32'); the Hub id is `timm-lossattn/<architecture>.<tag>`.
         summary: Training record (`summary.json`: model, model_args, num_classes, label_names, train_data,
-            eval_data, command, device, metrics, date); defaults to the one beside the checkpoint.
+            eval_data, command, device, metrics, date; or the one `python -m timm_lossattn train` writes, whose
+            metrics are then measured here on 500 test canvases); defaults to the one beside the checkpoint.
         allow_pickle: Accept a pickle-based torch checkpoint.
         sample: Write a sample explanation PNG (needs matplotlib).
 
@@ -353,7 +354,12 @@ def export_checkpoint(
     if not architecture:
         raise HubCheckpointError(f'no architecture given and no training record at {summary}')
     state_dict = read_state_dict(checkpoint, allow_pickle=allow_pickle)
-    model_args = dict(record.get('model_args') or {})
+    # `python -m timm_lossattn train` records model_kwargs, data (a string) and args
+    model_args = dict(record.get('model_args') or record.get('model_kwargs') or {})
+    if isinstance(record.get('data'), str):
+        record.setdefault('train_data', dict(name=record['data'], split='train'))
+    if not record.get('command') and record.get('args'):
+        record['command'] = f'python -m timm_lossattn train (args: {json.dumps(record["args"], default=str)})'
     default_cfg = timm.get_pretrained_cfg(architecture) if timm.is_model(architecture) else None
     classifier = default_cfg.classifier if default_cfg is not None else 'head.fc'
     weight_classes = _classifier_classes(state_dict, classifier)
@@ -366,6 +372,10 @@ def export_checkpoint(
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise HubCheckpointError(f'the checkpoint does not fit {architecture} with {model_args}: {e}') from e
+    train_name = (record.get('train_data') or {}).get('name', '')
+    if not record.get('metrics') and train_name.startswith('builtin:digits'):
+        eval_data = DataSpec(preset=train_name.split(':', 1)[1])
+        record.update(eval_data=eval_data.to_dict(), metrics=measure_metrics(model, eval_data))
     name = f'{architecture}.{tag}' if tag else architecture
     hub_id = f'{HUB_ORG}/{name}'
     output = Path(output)
