@@ -20,8 +20,8 @@ when no selected patch votes for k.
 Pictures need matplotlib (`pip install "timm-lossattn[plots]"`), imported on first use; figures are drawn with the
 Agg canvas, never through pyplot's global state.
 """
-from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple, Union
 import os
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,12 +33,13 @@ from .metrics import box_from_patches
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from PIL import Image
 
 __all__ = ['Explanation', 'explain', 'upsample_patch_map', 'render_explanation', 'render_grid']
 
 _PLOTS_HINT = 'pip install "timm-lossattn[plots]"'
 
-ImageLike = Union[torch.Tensor, np.ndarray, 'PIL.Image.Image']
+ImageLike = Union[torch.Tensor, np.ndarray, 'Image.Image']
 
 
 class Explanation(NamedTuple):
@@ -128,14 +129,6 @@ def upsample_patch_map(patch_map: torch.Tensor, geometry: PatchGeometry) -> torc
     return out.reshape(*lead, height, width)
 
 
-def _class_box(
-        weights: torch.Tensor,
-        votes: torch.Tensor,
-        geometry: PatchGeometry,
-) -> Optional[torch.Tensor]:
-    return box_from_patches(weights * votes, geometry.patch_boxes, geometry.input_size)
-
-
 @torch.no_grad()
 def explain(
         model: nn.Module,
@@ -200,7 +193,8 @@ def explain(
             maps = w[None] * patch_probs
             maps = maps / maps.sum(dim=1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
             class_maps = maps.view(-1, rows, cols)
-            class_boxes = [_class_box(w, (p > 0.5).float(), geometry) for p in patch_probs]
+            class_boxes = [
+                box_from_patches(w * (p > 0.5), geometry.patch_boxes, geometry.input_size) for p in patch_probs]
         explanations.append(Explanation(
             classes=classes[i],
             scores=scores[i],
@@ -266,7 +260,8 @@ def _draw(
     if image is not None:
         array = _to_hwc(image)
         if array.shape[:2] != (height, width):
-            raise ValueError(f'image of size {array.shape[:2]} does not match the explanation of size {(height, width)}')
+            raise ValueError(
+                f'image of size {array.shape[:2]} does not match the explanation of size {(height, width)}')
         ax.imshow(array, extent=extent, interpolation='nearest')
     heat = explanation.heatmap.numpy()
     heat = heat / heat.max() if heat.max() > 0 else heat
@@ -285,7 +280,8 @@ def _draw(
             _box(box, edgecolor='lime', linewidth=1.5, linestyle='--')
     if explanation.box is not None:
         _box(explanation.box, edgecolor='cyan', linewidth=1.5)
-    title = ', '.join(f'{label} {score:.2f}' for label, score in zip(explanation.labels[:3], explanation.scores.tolist()))
+    top = zip(explanation.labels[:3], explanation.scores.tolist())
+    title = ', '.join(f'{label} {score:.2f}' for label, score in top)
     ax.set_title(title, fontsize=8)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
