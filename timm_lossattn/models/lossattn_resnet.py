@@ -259,8 +259,10 @@ default_cfgs = generate_default_cfgs({
         input_size=(3, 64, 64), pool_size=(64, 64), **hub_cfg('lossattn_resnet18_caps.digits64')),
     'lossattn_resnet50_conv.digits32': lossattn_cfg(**hub_cfg('lossattn_resnet50_conv.digits32')),
     'lossattn_resnet50_caps.digits32': lossattn_cfg(**hub_cfg('lossattn_resnet50_caps.digits32')),
-    'lossattn_tinyresnet_conv.digits32': lossattn_cfg(**hub_cfg('lossattn_tinyresnet_conv.digits32')),
-    'lossattn_tinyresnet_caps.digits32': lossattn_cfg(**hub_cfg('lossattn_tinyresnet_caps.digits32')),
+    'lossattn_tinyresnet_conv.digits32': lossattn_cfg(
+        mean=(0., 0., 0.), std=(1., 1., 1.), **hub_cfg('lossattn_tinyresnet_conv.digits32')),  # trained on [0, 1]
+    'lossattn_tinyresnet_caps.digits32': lossattn_cfg(
+        mean=(0., 0., 0.), std=(1., 1., 1.), **hub_cfg('lossattn_tinyresnet_caps.digits32')),  # trained on [0, 1]
 })
 
 
