@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--momentum', type=float, default=0.9)
     group.add_argument('--weight-decay', type=float, default=5e-4)
     group.add_argument('--decay-milestones', type=int, nargs='+', default=None,
-                       help='epochs of the x decay-rate lr steps (default: 50%% and 75%% of --epochs)')
+                       help='0-based epochs from which the lr is multiplied by --decay-rate, as torch MultiStepLR '
+                            '(default: 50%% and 75%% of --epochs; the paper: 100 150 of 200)')
     group.add_argument('--decay-rate', type=float, default=0.1)
     group.add_argument('--warmup-epochs', type=int, default=0)
     group.add_argument('--gamma-max', type=float, default=0.1, help='final weight of the patch loss')
@@ -437,9 +438,10 @@ def train(args: argparse.Namespace) -> nn.Module:
         eval_loader = DataLoader(
             Subset(eval_set, range(ctx.rank, len(eval_set), ctx.world_size)), batch_size=args.batch_size,
             num_workers=args.workers, collate_fn=collate, pin_memory=cuda)
-    milestones = args.decay_milestones or sorted({max(1, round(epochs * 0.5)), max(1, round(epochs * 0.75))})
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched='multistep', num_epochs=epochs, decay_milestones=milestones, decay_rate=args.decay_rate,
+    milestones = args.decay_milestones or sorted({epochs // 2, epochs * 3 // 4} - {0})
+    scheduler, _ = create_scheduler_v2(  # timm's multistep decays at epoch t when t + 1 >= milestone
+        optimizer, sched='multistep', num_epochs=epochs, decay_milestones=[m + 1 for m in milestones],
+        decay_rate=args.decay_rate,
         warmup_epochs=args.warmup_epochs, updates_per_epoch=len(loader))
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
