@@ -138,11 +138,11 @@ def load_split(split: str, preset: Preset, multi_label: bool, seed: int) -> Spli
     return Split(torch.stack(images), torch.stack(targets) if multi_label else torch.tensor(targets), list(boxes))
 
 
-def create(method: Method, preset: Preset, device: torch.device) -> nn.Module:
+def create(method: Method, preset: Preset, device: torch.device, xi: float = SELECTION_XI) -> nn.Module:
     kwargs = dict(preset.model_kwargs, **(preset.caps_kwargs if method.head_type == 'caps' else {}))
     return timm.create_model(
         f'{preset.arch}_{method.head_type}', num_classes=10, in_chans=preset.in_chans, pool=method.pool,
-        xi=SELECTION_XI, **kwargs).to(device)
+        xi=xi, **kwargs).to(device)
 
 
 def train_one(model: nn.Module, method: Method, data: Split, preset: Preset, multi_label: bool, seed: int,
@@ -197,10 +197,10 @@ def predict(model: nn.Module, method: Method, geometry: PatchGeometry, data: Spl
 
 
 def score(logits: torch.Tensor, weights: torch.Tensor, heatmaps: torch.Tensor, geometry: PatchGeometry, data: Split,
-          multi_label: bool) -> Dict[str, Optional[float]]:
-    """The benchmark's metrics (in %) from the predictions on a split."""
+          multi_label: bool, selection_xi: float = SELECTION_XI) -> Dict[str, Optional[float]]:
+    """The benchmark's metrics (in %) from the predictions on a split; patches with weight > xi/M are selected."""
     size = geometry.input_size
-    selected = weights * (weights > SELECTION_XI / weights.shape[1])
+    selected = weights * (weights > selection_xi / weights.shape[1])
     correct = torch.stack([
         patch_correctness(geometry.patch_boxes, gt[:, :4], gt[:, 4].long(),
                           targets.nonzero().flatten() if multi_label else targets.view(1), size)
