@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from timm_lossattn.metrics import (
-    accuracy, box_from_patches, box_iou, deletion_insertion_curves, localization_ap, max_box_acc, multilabel_map,
-    patch_correctness, patch_precision_recall, pointing_game,
+    accuracy, box_from_patches, box_iou, boxes_from_patches, deletion_insertion_curves, localization_ap, max_box_acc,
+    multilabel_map, patch_correctness, patch_precision_recall, pointing_game,
 )
 
 
@@ -177,6 +177,18 @@ def test_box_from_patches_contains_selection(rects):
     assert (box[:2] >= 0).all() and (box[2:] <= 32).all()
     if (box[:2] > 0).all() and (box[2:] < 32).all():  # not clipped: a square
         assert box[2] - box[0] == box[3] - box[1]
+
+
+def test_boxes_from_patches_is_box_from_patches_per_image():
+    boxes = _grid_boxes()
+    torch.manual_seed(0)
+    weights = torch.rand(5, 36) * (torch.rand(5, 36) > 0.7)
+    weights[0] = 0  # no patch selected
+    batch, found = boxes_from_patches(weights, boxes, (32, 32))
+    assert batch.shape == (5, 4) and found.tolist() == [False, True, True, True, True]
+    assert batch[0].tolist() == [0., 0., 0., 0.] and box_from_patches(weights[0], boxes, (32, 32)) is None
+    for w, box in zip(weights[1:], batch[1:]):
+        assert torch.equal(box, box_from_patches(w, boxes, (32, 32)))
 
 
 # localization AP

@@ -162,6 +162,24 @@ def test_vgg_stage_strides_keep_maxpool():
     assert out.patch_weights.shape[1] == model.patch_geometry(64).num_patches == 36
 
 
+@pytest.mark.parametrize('make', [
+    lambda: tiny(),
+    lambda: LossAttnVgg([8, 8, 'M', 16, 'M', 16, 'M'], stage_strides=(1, 1, 1), head_width=16),  # in-place ReLUs
+], ids=['resnet', 'vgg'])
+def test_grad_checkpointing_gives_eager_gradients(make):
+    torch.manual_seed(0)
+    model = make().train()
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        model(x).logits.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for eager, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, eager)
+
+
 def test_return_patches_false_gives_tensor():
     model = tiny(return_patches=False)
     out = model(torch.randn(2, 3, 32, 32))

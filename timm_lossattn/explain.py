@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import PatchGeometry
-from .metrics import box_from_patches
+from .metrics import boxes_from_patches
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -163,11 +163,14 @@ def explain(
     if not hasattr(model, 'patch_geometry'):
         raise TypeError(f'{type(model).__name__} has no patch_geometry: explain needs a lossattn_* model')
     was_training = model.training
-    model.eval()
+    switch_mode = any(m.training for m in model.modules())  # train()/eval() walk every module: skip when eval
+    if switch_mode:
+        model.eval()
     try:
         output = model(images)
     finally:
-        model.train(was_training)
+        if switch_mode:
+            model.train(was_training)
     if not hasattr(output, 'patch_weights'):
         raise TypeError('the model returned plain logits: create it with return_patches=True to explain it')
     geometry = model.patch_geometry(tuple(images.shape[-2:]))
@@ -180,6 +183,8 @@ def explain(
     probs = logits.sigmoid() if multi_label else logits.softmax(dim=1)
     scores, classes = probs.topk(min(topk, probs.shape[1]), dim=1)
     heatmaps = upsample_patch_map(weights.view(-1, rows, cols), geometry)
+    boxes, found = boxes_from_patches(weights, geometry.patch_boxes, geometry.input_size)
+    found = found.tolist()
     if class_names is not None and len(class_names) != probs.shape[1]:
         raise ValueError(f'class_names lists {len(class_names)} names for a model with {probs.shape[1]} classes')
 
@@ -193,8 +198,8 @@ def explain(
             maps = w[None] * patch_probs
             maps = maps / maps.sum(dim=1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
             class_maps = maps.view(-1, rows, cols)
-            class_boxes = [
-                box_from_patches(w * (p > 0.5), geometry.patch_boxes, geometry.input_size) for p in patch_probs]
+            votes, voted = boxes_from_patches(w[None] * (patch_probs > 0.5), geometry.patch_boxes, geometry.input_size)
+            class_boxes = [box if any_vote else None for box, any_vote in zip(votes, voted.tolist())]
         explanations.append(Explanation(
             classes=classes[i],
             scores=scores[i],
@@ -204,7 +209,7 @@ def explain(
             heatmap=heatmaps[i],
             selected=selected,
             selected_boxes=geometry.patch_boxes[selected],
-            box=box_from_patches(w, geometry.patch_boxes, geometry.input_size),
+            box=boxes[i] if found[i] else None,
             geometry=geometry,
             multi_label=multi_label,
             class_maps=class_maps,

@@ -17,8 +17,8 @@ import torch
 
 __all__ = [
     'MaxBoxAccResult', 'PatchPR', 'PerturbationCurves', 'accuracy', 'box_from_patches', 'box_iou',
-    'deletion_insertion_curves', 'localization_ap', 'max_box_acc', 'multilabel_map', 'patch_correctness',
-    'patch_precision_recall', 'pointing_game',
+    'boxes_from_patches', 'deletion_insertion_curves', 'localization_ap', 'max_box_acc', 'multilabel_map',
+    'patch_correctness', 'patch_precision_recall', 'pointing_game',
 ]
 
 
@@ -245,7 +245,7 @@ def box_from_patches(
 
     Exactly: the bounding box of the patch boxes with weight > 0; its shorter side is expanded symmetrically about
     its centre to the longer side's length; the square is then clipped to the image (so it may end up rectangular
-    at a border).
+    at a border). `boxes_from_patches` does a batch at once.
 
     Args:
         weights: (M,) patch weights of one image.
@@ -256,19 +256,41 @@ def box_from_patches(
         (4,) box, or None when no patch is selected.
     """
     _check_tensor(weights, 'weights', ndim=1, floating=True)
+    boxes, found = boxes_from_patches(weights[None], patch_boxes, image_size)
+    return boxes[0] if found[0] else None
+
+
+def boxes_from_patches(
+        weights: torch.Tensor,
+        patch_boxes: torch.Tensor,
+        image_size: Tuple[int, int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`box_from_patches` for a batch of images, without a Python loop over them.
+
+    Args:
+        weights: (B, M) patch weights.
+        patch_boxes: (M, 4) input region of each patch.
+        image_size: (H, W) of the images.
+
+    Returns:
+        (B, 4) boxes and (B,) bool, False for an image without a selected patch (its box row is zeros).
+    """
+    _check_tensor(weights, 'weights', ndim=2, floating=True)
     patch_boxes = _check_boxes(patch_boxes, 'patch_boxes')
-    if patch_boxes.shape[0] != weights.shape[0]:
-        raise ValueError(f'patch_boxes has {patch_boxes.shape[0]} rows for {weights.shape[0]} weights.')
+    if patch_boxes.shape[0] != weights.shape[1]:
+        raise ValueError(f'patch_boxes has {patch_boxes.shape[0]} rows for {weights.shape[1]} weights.')
     image_size = _check_image_size(image_size)
-    selected = patch_boxes[weights > 0]
-    if not len(selected):
-        return None
-    x0, y0 = selected[:, 0].min(), selected[:, 1].min()
-    x1, y1 = selected[:, 2].max(), selected[:, 3].max()
-    side = torch.maximum(x1 - x0, y1 - y0)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    square = torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
-    return _clip_boxes(square[None], image_size)[0]
+    selected = weights > 0
+    found = selected.any(1)
+    if patch_boxes.shape[0] == 0:
+        return patch_boxes.new_zeros(weights.shape[0], 4), found
+    inf = torch.tensor(float('inf'), dtype=patch_boxes.dtype, device=patch_boxes.device)
+    top_left = torch.where(selected[..., None], patch_boxes[:, :2], inf).amin(1)  # (B, 2): x0, y0
+    bottom_right = torch.where(selected[..., None], patch_boxes[:, 2:], -inf).amax(1)  # (B, 2): x1, y1
+    half_side = (bottom_right - top_left).amax(1, keepdim=True) / 2
+    centre = (top_left + bottom_right) / 2
+    squares = torch.cat([centre - half_side, centre + half_side], dim=1)
+    return torch.where(found[:, None], _clip_boxes(squares, image_size), 0.), found
 
 
 def _voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:

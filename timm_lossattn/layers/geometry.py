@@ -3,6 +3,7 @@
 Receptive-field arithmetic over the chain of (kernel, stride, padding) of a network's main path. Boxes are float
 (x0, y0, x1, y1) in input pixels, half-open, pixel i spanning [i, i + 1).
 """
+from functools import lru_cache
 from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -77,6 +78,9 @@ def patch_geometry(
 ) -> PatchGeometry:
     """Patch boxes for an input size.
 
+    Computed once per distinct set of arguments (the arithmetic costs far more than a lookup, and an explanation
+    asks for it on every call); the boxes returned are the caller's own copies.
+
     Args:
         input_size: (H, W) of the input.
         trunk_layers: (kernel, stride, padding) of the trunk's main path, in order.
@@ -87,6 +91,20 @@ def patch_geometry(
     Returns:
         The patch geometry.
     """
+    geometry = _patch_geometry(
+        tuple(input_size), tuple(map(tuple, trunk_layers)), tuple(map(tuple, head_layers)), head_kernel, head_stride)
+    return geometry._replace(
+        patch_boxes=geometry.patch_boxes.clone(), receptive_field_boxes=geometry.receptive_field_boxes.clone())
+
+
+@lru_cache(maxsize=256)
+def _patch_geometry(
+        input_size: Tuple[int, int],
+        trunk_layers: Tuple[LayerSpec, ...],
+        head_layers: Tuple[LayerSpec, ...],
+        head_kernel: int,
+        head_stride: int,
+) -> PatchGeometry:
     centres: List[torch.Tensor] = []
     windows: List[torch.Tensor] = []
     grid: List[int] = []

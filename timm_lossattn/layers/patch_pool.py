@@ -34,8 +34,7 @@ def _normalize_or_uniform(scores: torch.Tensor, dims: List[int]) -> torch.Tensor
     count = 1
     for d in dims:
         count *= scores.shape[d]
-    uniform = torch.full_like(scores, 1.0 / count)
-    return torch.where(total > 0, scores / total.clamp_min(1e-30), uniform)
+    return torch.where(total > 0, scores / total.clamp_min(1e-30), 1.0 / count)
 
 
 @register_notrace_function
@@ -67,15 +66,15 @@ def loss_attention_weights(
     num_channels, num_patches = logits.shape[1], logits.shape[2]
     scores = torch.linalg.vector_norm(logits, dim=-1)  # (B, C, M)
     instance_weights = _normalize_or_uniform(scores, [1, 2])
-    location_weights = instance_weights.sum(1)  # (B, M)
+    location_weights = instance_weights[:, 0] if num_channels == 1 else instance_weights.sum(1)  # (B, M)
     kept = F.relu(location_weights - xi / num_patches)
     best = location_weights == location_weights.amax(1, keepdim=True)
     kept_any = kept.sum(1, keepdim=True) > 0
-    keep = torch.where(kept_any, kept > 0, best)
     if num_channels == 1:
         kept = torch.where(kept_any, kept, best.to(kept.dtype))
         location_weights = kept / kept.sum(1, keepdim=True)
         return location_weights.unsqueeze(1), location_weights
+    keep = torch.where(kept_any, kept > 0, best)
     instance_weights = instance_weights * keep.unsqueeze(1).to(instance_weights.dtype)
     instance_weights = instance_weights / instance_weights.sum((1, 2), keepdim=True)
     return instance_weights, instance_weights.sum(1)
@@ -87,7 +86,8 @@ def location_logits(instance_logits: torch.Tensor, instance_weights: torch.Tenso
     if instance_logits.shape[1] == 1:
         return instance_logits[:, 0]
     weights = _normalize_or_uniform(instance_weights, [1])  # per location, over the C capsule channels
-    return torch.einsum('bcm,bcmk->bmk', weights.to(instance_logits.dtype), instance_logits)
+    weights = weights.to(instance_logits.dtype).transpose(1, 2).unsqueeze(2)  # (B, M, 1, C)
+    return torch.matmul(weights, instance_logits.transpose(1, 2)).squeeze(2)  # (B, M, 1, C) @ (B, M, C, K)
 
 
 class PatchPool(nn.Module):
@@ -160,13 +160,16 @@ class LossAttentionPool(PatchPool):
         self.xi = float(xi)
 
     def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, C, M, D = h.shape
         instance_logits = self.fc(h)  # (B, C, M, K)
         instance_weights, patch_weights = loss_attention_weights(instance_logits, self.xi)
         patch_weights = patch_weights.to(instance_logits.dtype)
-        pooled = torch.einsum('bcm,bcmd->bd', instance_weights.to(h.dtype), h)
+        # sums over the C x M instances as batched matmuls (what einsum dispatches to, without its parsing)
+        weights_row = instance_weights.reshape(B, 1, C * M)
+        pooled = torch.matmul(weights_row.to(h.dtype), h.reshape(B, C * M, D)).squeeze(1)
         patch_logits = location_logits(instance_logits, instance_weights)
-        logits = torch.einsum('bcm,bcmk->bk', instance_weights, instance_logits.float()).to(instance_logits.dtype)
-        return logits, pooled, patch_weights, patch_logits
+        logits = torch.matmul(weights_row, instance_logits.float().reshape(B, C * M, -1)).squeeze(1)
+        return logits.to(instance_logits.dtype), pooled, patch_weights, patch_logits
 
 
 class MeanPool(PatchPool):

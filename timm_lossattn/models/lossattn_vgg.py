@@ -122,9 +122,18 @@ class LossAttnVgg(LossAttnNet):
             blocks=[(r'^features\.(\d+)', None), (r'^patch_head', (99998,)), (r'^head', (99999,))],
         )
 
+    def _stage_segments(self) -> List[nn.Module]:
+        """`features` cut after each stage's max-pool (or identity): one checkpoint segment per stage."""
+        bounds = [0] + [end + 2 for end in self._stage_ends]
+        segments = [self.features[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+        return [segment for segment in segments if len(segment)]
+
     def _forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.features, x)
+            # A checkpoint per stage, not per layer: per layer keeps every activation as a segment input (no memory
+            # saved) and the in-place ReLUs modify those saved inputs, which fails in backward. Each stage starts
+            # with a conv, so no segment modifies its input.
+            return checkpoint_seq(self._stage_segments(), x)
         return self.features(x)
 
     def forward_intermediates(
