@@ -16,15 +16,9 @@ from timm_lossattn.data import ClutteredDigits, export_image_folder
 from timm_lossattn.loss import LossAttentionLoss
 from timm_lossattn.task import LossAttnTask
 
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
+
 TINY = dict(channels=(8, 16, 16, 32), head_width=32, num_classes=10)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

@@ -14,17 +14,11 @@ from safetensors.torch import load_file
 from timm_lossattn.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
+
 TINY = ['--model', 'lossattn_resnet18_conv', '--model-kwargs', 'channels=(8,16,16,32)', 'head_width=32']
 SMALL_RUN = TINY + ['--data', 'builtin:digits32', '--train-samples', '16', '--val-samples', '8', '--batch-size', '8',
                     '--workers', '0', '--no-progress', '--lr', '0.05']
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
