@@ -112,10 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model = create(method, preset, device, xi=xi)
             train_s = train_one(model, replace(method, gamma_max=gamma_max), train, preset, False, seed, device,
                                 progress, desc)
-            logits, weights, heatmaps = predict(model, method, model.patch_geometry(tuple(test.images.shape[-2:])),
-                                                test, preset.batch_size, device)
-            metrics = score(logits, weights, heatmaps, model.patch_geometry(tuple(test.images.shape[-2:])), test,
-                            False, selection_xi=xi)
+            geometry = model.patch_geometry(tuple(test.images.shape[-2:]))
+            logits, weights, heatmaps = predict(model, method, geometry, test, preset.batch_size, device)
+            metrics = score(logits, weights, heatmaps, geometry, test, False, selection_xi=xi)
             runs.append(dict(gamma_max=gamma_max, xi=xi, seed=seed, train_s=train_s, **metrics))
             tqdm.write(f'{desc}: ' + ', '.join(f'{k} {v:.1f}' for k, v in metrics.items()) + f' ({train_s:.0f} s)')
     summary = {(g, x): {m: summarize([r[m] for r in runs if (r['gamma_max'], r['xi']) == (g, x)])
